@@ -1,0 +1,1 @@
+"""TensorFlow Serving's generated protobuf/gRPC modules without TensorFlow; see tools/vendor_protos.py."""
