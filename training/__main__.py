@@ -8,6 +8,7 @@ import logging
 import sys
 
 from training.config import RECIPES, TrainConfig, recipe
+from training.data import DataError
 
 HELP = {
     "arch": "architecture: resnet_v1 or wbnrg (the course's plain CNN baseline)",
@@ -99,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
 
+    try:
+        run_command(args)
+    except (DataError, ValueError) as exc:  # the user's input, not a bug: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "train":
         from training.train import train
 
@@ -120,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         from training.export import export_run
 
         export_run(args.run, args.base_path, data=args.data)
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class TrainConfig:
     out: str = "runs/default"
     precision: str = "auto"  # auto (mixed_float16 on GPU, float32 on CPU) | float32 | mixed_bfloat16 | mixed_float16
     xla: str = "auto"  # auto (on GPU only) | on | off
-    distribute: str = "auto"  # auto (mirrored with >1 device, multiworker with TF_CONFIG) | none | mirrored | multiworker
+    # auto (mirrored with >1 device, multiworker with TF_CONFIG) | none | mirrored | multiworker
+    distribute: str = "auto"
     cpu_devices: int = 0  # split the CPU into N logical devices (to exercise tf.distribute without GPUs)
     deterministic: bool = True
     warm_start: str | None = None  # a .keras model or a SavedModel version folder to start from

@@ -13,10 +13,14 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from client.contract import CLASS_NAMES
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 ARCHIVE_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -127,7 +131,7 @@ def train_val_split(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
 
 # ---- augmentation (graph ops) ----
 
-def augment_paper(images, seed):
+def augment_paper(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """He et al.: pad 4 pixels with zeros, random 32x32 crop, random horizontal flip."""
     import tensorflow as tf
 
@@ -142,7 +146,7 @@ def augment_paper(images, seed):
     return _random_flip(cropped, seed)
 
 
-def _random_flip(images, seed):
+def _random_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     import tensorflow as tf
 
     n = tf.shape(images)[0]
@@ -150,7 +154,7 @@ def _random_flip(images, seed):
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
-def augment_course(images, seed, shift: float = 0.1, rotation_deg: float = 20.0):
+def augment_course(images: tf.Tensor, seed: tf.Tensor, shift: float = 0.1, rotation_deg: float = 20.0) -> tf.Tensor:
     """The course's ImageDataGenerator recipe on the graph: shifts of 10 %, rotations up to 20 degrees,
     horizontal flips; bilinear sampling with nearest-edge fill, as ImageDataGenerator does."""
     import tensorflow as tf
@@ -176,7 +180,9 @@ def augment_course(images, seed, shift: float = 0.1, rotation_deg: float = 20.0)
 AUGMENTATIONS = {"paper": augment_paper, "course": augment_course, "none": None}
 
 
-def train_dataset(split: Split, batch_size: int, augment: str, seed: int, start_epoch: int, epochs: int):
+def train_dataset(
+    split: Split, batch_size: int, augment: str, seed: int, start_epoch: int, epochs: int
+) -> tf.data.Dataset:
     """Batches for epochs [start_epoch, epochs): a fresh seeded shuffle and augmentation each epoch."""
     import tensorflow as tf
 
@@ -205,7 +211,7 @@ def train_dataset(split: Split, batch_size: int, augment: str, seed: int, start_
     return ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(split: Split, batch_size: int = 500):
+def eval_dataset(split: Split, batch_size: int = 500) -> tf.data.Dataset:
     import tensorflow as tf
 
     y = tf.one_hot(split.labels.astype(np.int32), len(CLASS_NAMES))

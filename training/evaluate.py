@@ -6,11 +6,15 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.config import TrainConfig
 from training.data import CLASS_NAMES, load_cifar10
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger("training")
 
@@ -23,7 +27,7 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text()))
 
 
-def load_float32_model(run_dir: str | Path):
+def load_float32_model(run_dir: str | Path) -> keras.Model:
     """The run's best model rebuilt in float32, whatever precision it was trained in (serving is float32)."""
     import keras
 

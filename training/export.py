@@ -13,13 +13,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from client import contract
 from training.data import load_cifar10
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import keras
 
 log = logging.getLogger("training")
 
@@ -31,7 +37,7 @@ class ExportError(Exception):
     """The exported model does not reproduce the Keras model; nothing was published."""
 
 
-def serving_functions(model):
+def serving_functions(model: keras.Model) -> tuple[Callable, Callable]:
     """The two signatures as tf.functions over a float32 Keras model taking raw 0..255 pixels."""
     import tensorflow as tf
 
@@ -72,7 +78,7 @@ def serving_functions(model):
     return predict_pixels, predict_bytes
 
 
-def write_saved_model(model, path: Path) -> None:
+def write_saved_model(model: keras.Model, path: Path) -> None:
     import keras
     import tensorflow as tf
 
@@ -152,7 +158,11 @@ def verify_saved_model(path: Path, expected: Path) -> float:
 
 
 def export_model(
-    model, base_path: str | Path, metadata: dict, verify_images: np.ndarray, extra_files: tuple[Path, ...] = ()
+    model: keras.Model,
+    base_path: str | Path,
+    metadata: dict,
+    verify_images: np.ndarray,
+    extra_files: tuple[Path, ...] = (),
 ) -> Path:
     """Write, verify and publish `model` as the next version under `base_path`; returns its folder.
 
@@ -183,7 +193,7 @@ def export_model(
         while True:
             version = next_version(base)
             meta = {**metadata, "model_name": contract.MODEL_NAME, "version": version,
-                    "verified_max_abs_diff": diff, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "verified_max_abs_diff": diff, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "code_revision": code_revision()}
             (tmp / contract.METADATA_FILE).write_text(json.dumps(meta, indent=2))
             try:
@@ -201,8 +211,14 @@ def export_model(
 
 def export_run(run_dir: str | Path, base_path: str | Path, data: str | None = None) -> Path:
     """Export the run's best model, with its evaluation and plots under assets.extra/."""
-    from training.evaluate import (CONFUSION_PNG, CURVES_PNG, EVALUATION_FILE, evaluate_run,
-                                   load_float32_model, run_config)
+    from training.evaluate import (
+        CONFUSION_PNG,
+        CURVES_PNG,
+        EVALUATION_FILE,
+        evaluate_run,
+        load_float32_model,
+        run_config,
+    )
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)

@@ -44,7 +44,9 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def make_schedule(name: str, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0):
+def make_schedule(
+    name: str, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The schedule named by the recipe, scaled to the base learning rate `lr`."""
     if name == "constant":
         return lr

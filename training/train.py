@@ -11,9 +11,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.config import TrainConfig
 from training.data import Split, eval_dataset, load_cifar10, train_dataset, train_val_split
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
 
 log = logging.getLogger("training")
 
@@ -31,7 +36,7 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def configure_runtime(cfg: TrainConfig):
+def configure_runtime(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, bool]:
     """Devices, strategy, precision and determinism; call before any model is built."""
     import keras
     import tensorflow as tf
@@ -69,7 +74,7 @@ def configure_runtime(cfg: TrainConfig):
     return strategy, jit
 
 
-def build_compiled_model(cfg: TrainConfig, steps_per_epoch: int, jit: bool):
+def build_compiled_model(cfg: TrainConfig, steps_per_epoch: int, jit: bool) -> keras.Model:
     import keras
 
     from training.model import Regularization, build_model
@@ -93,7 +98,7 @@ def build_compiled_model(cfg: TrainConfig, steps_per_epoch: int, jit: bool):
     return model
 
 
-def load_weights_from(model, source: str) -> None:
+def load_weights_from(model: keras.Model, source: str) -> None:
     """Warm start: weights of a `.keras` model or of a SavedModel version this project exported."""
     import keras
     import tensorflow as tf
@@ -127,7 +132,7 @@ class EpochCheckpoint:
 
         self.callback = _Callback()
 
-    def epoch_end(self, model, epoch: int, logs: dict) -> None:
+    def epoch_end(self, model: keras.Model, epoch: int, logs: dict) -> None:
         import keras
 
         lr = model.optimizer.learning_rate
@@ -218,6 +223,8 @@ def train(cfg: TrainConfig, fresh: bool = False) -> dict:
 
     with strategy.scope():
         if state["epoch"]:
+            import training.schedules  # noqa: F401  (registers the schedules the checkpoint refers to)
+
             log.info("resuming %s after epoch %d", run_dir, state["epoch"])
             model = keras.models.load_model(run_dir / state["last"])
             _truncate_log(run_dir / LOG_FILE, state["epoch"])
