@@ -1,0 +1,4 @@
+from serving.modelserver.server import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
