@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port
 from google.protobuf import text_format
 
 from client.protos.tensorflow_serving.config import model_server_config_pb2
@@ -28,7 +29,6 @@ from serving.deploy.config import (
     versions_on_disk,
     write_atomic,
 )
-from tests.conftest import ROOT, free_port
 
 S = Served.of
 
@@ -257,27 +257,22 @@ def deploy(config: Path, port: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
-@pytest.fixture
-def serve(tmp_path, model_base):
-    """Start a model server on a config serving version 1 as stable and canary; stopped at teardown."""
-    procs = []
-
-    def start(*extra: str) -> tuple[Path, int, Path]:
-        config = tmp_path / "models.config"
-        write_config(config, model_base, [1], {"stable": 1, "canary": 1})
-        proc, port = start_model_server(config, *extra)
-        procs.append(proc)
+@pytest.fixture(scope="module")
+def served_v1(tmp_path_factory, exported_model):
+    """One model server for the tests below, serving version 1 as stable and canary from a config file it also
+    polls (for --apply poll). A failed load is not retried, so a broken version fails its step at once."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    base = tmp / "models" / "cifar10"
+    base.mkdir(parents=True)
+    shutil.copytree(exported_model, base / "1")
+    config = tmp / "models.config"
+    write_config(config, base, [1], {"stable": 1, "canary": 1})
+    proc, port = start_model_server(config, "--model_config_file_poll_wait_seconds=1", "--max_num_load_retries=0")
+    try:
         wait_available(port, proc)
-        return config, port, model_base
-
-    yield start
-    for proc in procs:
+        yield config, port, base
+    finally:
         stop(proc)
-
-
-@pytest.fixture
-def served_v1(serve):
-    return serve()
 
 
 def test_failed_canary_is_undone(served_v1):
@@ -310,11 +305,13 @@ def test_refused_preconditions_exit_2_and_change_nothing(served_v1):
         assert config.read_text() == before
 
 
-def test_poll_mode_canary_and_promote(serve):
-    """--apply poll: only the file changes; the server's config polling picks it up."""
-    config, port, base = serve("--model_config_file_poll_wait_seconds=1")
-    shutil.copytree(base / "1", base / "2")
-    for args in (["canary", "2"], ["promote"]):
+def test_poll_mode_canary_and_promote(served_v1):
+    """--apply poll: only the file changes; the server's config polling picks it up. Runs last: it changes labels."""
+    config, port, base = served_v1
+    shutil.copytree(base / "1", base / "3")
+    for args in (["canary", "3"], ["promote"]):
         result = deploy(config, port, "--apply", "poll", *args)
         assert result.returncode == 0, result.stdout + result.stderr
-    assert ModelConfigFile.read(config).served() == S({1, 2}, {"stable": 2, "canary": 2})
+    assert ModelConfigFile.read(config).served() == S({1, 3}, {"stable": 3, "canary": 3})
+    steps = json.loads(config.with_name("models.history.json").read_text())["log"][-1]["steps"]
+    assert [s["name"] for s in steps] == ["relabel"] and steps[0]["checks"][0]["version"] == 3

@@ -58,7 +58,8 @@ def serving_functions(model: keras.Model) -> tuple[Callable, Callable]:
 
     def decode(encoded):
         # First frame of animations; alpha dropped. Centre crop to a square (keeps the aspect ratio), then an
-        # antialiased bicubic resize, as the shared Pillow preprocessing does; 32x32 images pass unchanged.
+        # antialiased Lanczos resize, as the shared Pillow preprocessing does (chosen by measurement, see
+        # docs/gateway.md); 32x32 images pass unchanged.
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
         shape = tf.shape(image)
         h, w = shape[0], shape[1]
@@ -66,7 +67,7 @@ def serving_functions(model: keras.Model) -> tuple[Callable, Callable]:
         image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
 
         def resize():
-            resized = tf.image.resize(image, [contract.IMAGE_SIZE] * 2, method="bicubic", antialias=True)
+            resized = tf.image.resize(image, [contract.IMAGE_SIZE] * 2, method="lanczos3", antialias=True)
             return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
         return tf.cond(side == contract.IMAGE_SIZE, lambda: image, resize)

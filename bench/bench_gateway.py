@@ -1,0 +1,313 @@
+"""Gateway throughput and latency, side by side in one run (issue 4 item 6).
+
+Services, each loaded by the same closed-loop clients (one keep-alive connection per client, each posting one
+32x32 CIFAR-10 PNG per request and waiting for the answer):
+  gateway             python -m serving.gateway -> the model server (gRPC, serving_default, server batching)
+  grpc direct (png)   the model server over gRPC with the same PNG bytes (predict_images, decoded in-graph)
+  grpc direct (pixels) the model server over gRPC with the decoded pixels (serving_default): its ceiling
+  naive               a FastAPI handler calling Keras model.predict per upload
+  careful unbatched   the same handler calling a compiled tf.function per upload
+Reports images/s, p50 and p99 latency at each concurrency, and the ratios the issue asks for at 32 clients.
+
+    python bench/bench_gateway.py --model-base models/cifar10 [--clients 1 8 32 64] [--seconds 5] [--rounds 2]
+
+The two baselines live in this file (`--serve naive|careful`): they are benchmark baselines, not product code.
+"""
+
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SERVICES = ("gateway", "grpc direct (png)", "grpc direct (pixels)", "naive", "careful unbatched")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------
+
+
+def serve_baseline(kind: str, port: int, model_base: Path) -> None:
+    """A FastAPI service classifying each upload on its own: Keras predict (naive) or a tf.function (careful)."""
+    import keras
+    import tensorflow as tf
+    import uvicorn
+    from fastapi import FastAPI, File, UploadFile
+    from PIL import Image
+
+    from client.contract import CLASS_NAMES
+    from training.model import build_model
+
+    version = max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    meta = json.loads((version / "metadata.json").read_text()) if (version / "metadata.json").exists() else {}
+    # Same architecture as the served version; weights do not change the cost of inference.
+    model = build_model(meta.get("architecture") or "resnet_v1", meta.get("depth") or 20)
+    keras.mixed_precision.set_global_policy("float32")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
+    def infer(x):
+        return model(tf.cast(x, tf.float32), training=False)
+
+    infer(np.zeros((1, 32, 32, 3), np.uint8))  # trace once at start-up
+    model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0)
+    app = FastAPI()
+
+    @app.post("/v1/classify")
+    def classify(files: list[UploadFile] = File(...)):  # noqa: B008 - FastAPI's idiom
+        out = []
+        for f in files:
+            img = np.asarray(Image.open(f.file).convert("RGB").resize((32, 32)), dtype=np.uint8)
+            if kind == "naive":
+                probs = model.predict(img[None].astype(np.float32), verbose=0)[0]
+            else:
+                probs = infer(img[None]).numpy()[0]
+            top = int(probs.argmax())
+            out.append({"filename": f.filename, "top": [{"class": CLASS_NAMES[top], "probability": float(probs[top])}]})
+        return {"predictions": out}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- processes ----------------------------------------------------------------------------------------------
+
+
+def wait_http(port: int, proc: subprocess.Popen, path: str = "/docs", timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} never answered")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "ab")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    out.close()
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+
+
+def multipart(png: bytes, port: int) -> bytes:
+    boundary = b"benchboundary7d1f"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="img.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n")
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary.decode()}\r\n\r\n").encode()
+    return head + body
+
+
+async def http_client(port: int, requests: list[bytes], offset: int, stop_at: float, record: list,
+                      errors: list) -> None:
+    """One keep-alive HTTP/1.1 connection; a minimal client so the load generator stays cheap."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = offset
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if head[9:12] == b"200":
+                record.append((t0, time.perf_counter() - t0))
+            else:
+                errors.append(head[9:12].decode())
+    finally:
+        writer.close()
+
+
+async def grpc_clients(target: str, requests: list, n: int, seconds: float) -> tuple[list, list]:
+    import grpc
+
+    from client.protos.tensorflow_serving.apis import prediction_service_pb2_grpc
+    from client.tfserving import CHANNEL_OPTIONS
+
+    record: list = []
+    errors: list = []
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        await stub.Predict(requests[0], timeout=30)
+
+        async def one(offset: int, stop_at: float, rec: list) -> None:
+            i = offset
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await stub.Predict(requests[i % len(requests)], timeout=30)
+                    rec.append((t0, time.perf_counter() - t0))
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(exc.code().name)
+                i += 1
+
+        warm = time.perf_counter() + 1.0
+        await asyncio.gather(*(one(k * 7, warm, []) for k in range(n)))
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(one(k * 7, stop_at, record) for k in range(n)))
+    return record, errors
+
+
+async def http_load(port: int, requests: list[bytes], n: int, seconds: float) -> tuple[list, list]:
+    warm = time.perf_counter() + 1.0
+    errors: list = []
+    await asyncio.gather(*(http_client(port, requests, k * 7, warm, [], errors) for k in range(n)))
+    record: list = []
+    errors.clear()
+    stop_at = time.perf_counter() + seconds
+    await asyncio.gather(*(http_client(port, requests, k * 7, stop_at, record, errors) for k in range(n)))
+    return record, errors
+
+
+def summarise(record: list, errors: list, seconds: float) -> dict:
+    lat = np.array([r[1] for r in record]) * 1000 if record else np.array([np.nan])
+    return {"images_per_s": len(record) / seconds, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": len(record), "errors": len(errors)}
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-base", type=Path, default=ROOT / "models" / "cifar10")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per service, level and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is reported")
+    parser.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES)
+    parser.add_argument("--batching", default=str(ROOT / "serving" / "config" / "batching.config"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--serve", choices=("naive", "careful"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    base = args.model_base.resolve()
+    if args.serve:
+        serve_baseline(args.serve, args.port, base)
+        return
+
+    from PIL import Image
+
+    from client import tfserving
+    from training.data import load_cifar10
+
+    images = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test.images[:256]
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    logs = Path(os.environ.get("BENCH_LOGS", "/tmp")) / f"bench-gateway-{os.getpid()}"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {s: {} for s in args.services}
+    grpc_port, rest_port = free_port(), free_port()
+    model_server = start([sys.executable, "-m", "serving.modelserver", f"--port={grpc_port}",
+                          f"--rest_api_port={rest_port}", "--model_name=cifar10", f"--model_base_path={base}",
+                          "--enable_batching=true", f"--batching_parameters_file={args.batching}"],
+                         logs / "modelserver.log")
+    procs = [model_server]
+    try:
+        wait_http(rest_port, model_server, "/v1/models/cifar10")
+        with tfserving.ModelServerClient(f"127.0.0.1:{grpc_port}") as c:
+            version = max(s.version for s in c.model_status() if s.state == "AVAILABLE")
+        # Every service runs from the start (idle ones cost nothing) so that the rounds below can interleave
+        # them: on a shared machine, load from elsewhere then hits all services alike.
+        runners = {}
+        for service in args.services:
+            if service.startswith("grpc"):
+                if service.endswith("(png)"):
+                    reqs = [tfserving.encoded_request("cifar10", [p]) for p in pngs]
+                else:
+                    reqs = [tfserving.pixels_request("cifar10", img[None]) for img in images]
+                runners[service] = lambda n, reqs=reqs: grpc_clients(f"127.0.0.1:{grpc_port}", reqs, n,
+                                                                     args.seconds)
+                continue
+            port = free_port()
+            if service == "gateway":
+                proc = start([sys.executable, "-m", "serving.gateway"], logs / "gateway.log", {
+                    "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
+                    "GATEWAY_MODEL_SERVER": f"127.0.0.1:{grpc_port}"})
+                procs.append(proc)
+                wait_http(port, proc, "/healthz")
+            else:
+                kind = "naive" if service == "naive" else "careful"
+                proc = start([sys.executable, __file__, "--serve", kind, "--port", str(port),
+                              "--model-base", str(base)], logs / f"{kind}.log")
+                procs.append(proc)
+                wait_http(port, proc)
+            reqs_http = [multipart(p, port) for p in pngs]
+            runners[service] = lambda n, port=port, reqs_http=reqs_http: http_load(port, reqs_http, n, args.seconds)
+        print(f"model {base} version {version}; {os.cpu_count()} CPUs; {args.rounds} rounds of {args.seconds:.0f} s "
+              f"per service and level, best round reported; logs {logs}")
+        for n in args.clients:
+            for r in range(args.rounds):
+                order = args.services[r % len(args.services):] + args.services[:r % len(args.services)]
+                for service in order:
+                    record, errors = asyncio.run(runners[service](n))
+                    got = summarise(record, errors, args.seconds)
+                    best = results[service].get(n)
+                    if best is None or got["images_per_s"] > best["images_per_s"]:
+                        results[service][n] = got
+                    print(f"  {service:22s} {n:3d} clients  {got['images_per_s']:8.1f} img/s  "
+                          f"p50 {got['p50_ms']:7.1f} ms  p99 {got['p99_ms']:7.1f} ms  errors {got['errors']}",
+                          flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
+
+    print("\n| service | " + " | ".join(f"{n} clients img/s (p50 / p99 ms)" for n in args.clients) + " |")
+    print("|---|" + "---|" * len(args.clients))
+    for service, levels in results.items():
+        cells = [f"{r['images_per_s']:.0f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})" for r in levels.values()]
+        print(f"| {service} | " + " | ".join(cells) + " |")
+    if "gateway" in results and 32 in results["gateway"]:
+        gw = results["gateway"][32]["images_per_s"]
+        print("\nat 32 clients, gateway images/s relative to:")
+        for other in results:
+            if other != "gateway" and 32 in results[other] and results[other][32]["images_per_s"]:
+                print(f"  {other:22s} {gw / results[other][32]['images_per_s']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"model_base": str(base), "version": version, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
