@@ -24,7 +24,7 @@ ROOTS = [
     "tensorflow_serving.config.model_server_config_pb2",
 ]
 PREFIXES = ("tensorflow", "tensorflow_serving", "tsl", "xla")
-IMPORT = re.compile(r"^from ((?:%s)(?:\.\w+)*) import (\w+|\*)" % "|".join(PREFIXES), re.M)
+IMPORT = re.compile(rf"^from ((?:{'|'.join(PREFIXES)})(?:\.\w+)*) import (\w+|\*)", re.M)
 TARGET = Path(__file__).resolve().parent.parent / "client" / "protos"
 PACKAGE = "client.protos"
 
