@@ -122,6 +122,13 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # ---- load ---------------------------------------------------------------------------------------------------
 
 
@@ -245,6 +252,8 @@ def main() -> None:
                           "--enable_batching=true", f"--batching_parameters_file={args.batching}"],
                          logs / "modelserver.log")
     procs = [model_server]
+    named = {"model server": model_server}
+    rss: dict[str, float] = {}
     try:
         wait_http(rest_port, model_server, "/v1/models/cifar10")
         with tfserving.ModelServerClient(f"127.0.0.1:{grpc_port}") as c:
@@ -267,12 +276,14 @@ def main() -> None:
                     "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
                     "GATEWAY_MODEL_SERVER": f"127.0.0.1:{grpc_port}"})
                 procs.append(proc)
+                named["gateway"] = proc
                 wait_http(port, proc, "/healthz")
             else:
                 kind = "naive" if service == "naive" else "careful"
                 proc = start([sys.executable, __file__, "--serve", kind, "--port", str(port),
                               "--model-base", str(base)], logs / f"{kind}.log")
                 procs.append(proc)
+                named[service] = proc
                 wait_http(port, proc)
             reqs_http = [multipart(p, port) for p in pngs]
             runners[service] = lambda n, port=port, reqs_http=reqs_http: http_load(port, reqs_http, n, args.seconds)
@@ -290,6 +301,7 @@ def main() -> None:
                     print(f"  {service:22s} {n:3d} clients  {got['images_per_s']:8.1f} img/s  "
                           f"p50 {got['p50_ms']:7.1f} ms  p99 {got['p99_ms']:7.1f} ms  errors {got['errors']}",
                           flush=True)
+        rss = {name: resident_mb(proc.pid) for name, proc in named.items()}  # after the load: steady state
     finally:
         for proc in procs:
             stop(proc)
@@ -305,8 +317,10 @@ def main() -> None:
         for other in results:
             if other != "gateway" and 32 in results[other] and results[other][32]["images_per_s"]:
                 print(f"  {other:22s} {gw / results[other][32]['images_per_s']:.2f}x")
+    print("\nresident memory after the load: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
     if args.json:
-        args.json.write_text(json.dumps({"model_base": str(base), "version": version, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"model_base": str(base), "version": version, "results": results,
+                                         "resident_mb": rss}, indent=2))
 
 
 if __name__ == "__main__":
