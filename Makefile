@@ -8,10 +8,10 @@ MODEL_BASE ?= $(CURDIR)/models/cifar10
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -e ".[tf,dev]"
+	$(BIN)/pip install -q -e ".[tf,dev]"
 
 # The model server (real tensorflow_model_server if on PATH, else the embedded one) and the gateway,
 # serving the shipped model in models/cifar10.
