@@ -114,10 +114,7 @@ class Manager:
     def acquire(self, name: str, version: int | None = None, label: str | None = None) -> Handle:
         with self._lock:
             model = self.models.get(name)
-            if label is not None:
-                if model is None or label not in model.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = model.labels[label]
+            version = _labelled_version(model, version, label)
             if version is not None:
                 st = model.versions.get(version) if model else None
                 if st is None or st.state != AVAILABLE:
@@ -133,10 +130,7 @@ class Manager:
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionState]:
         with self._lock:
             model = self.models.get(name)
-            if label is not None:
-                if model is None or label not in model.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = model.labels[label]
+            version = _labelled_version(model, version, label)
             if version is not None:
                 st = model.versions.get(version) if model else None
                 if st is None:
@@ -390,3 +384,12 @@ def _load_error(exc: BaseException, path: Path) -> ServingError:
         return ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find SavedModel .pb or .pbtxt at supplied "
                                                        f"export directory path: {path}")
     return from_exception(exc)
+
+
+def _labelled_version(model: object, version: int | None, label: str | None) -> int | None:
+    """The version a label points to (TF Serving answers INVALID_ARGUMENT for an unknown label)."""
+    if label is None:
+        return version
+    if model is None or label not in model.labels:
+        raise invalid(f"Unrecognized servable version label: {label}")
+    return model.labels[label]

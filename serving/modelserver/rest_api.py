@@ -125,10 +125,7 @@ class RestApp:
         served = None
         try:
             doc = parse_json_body(body)
-            signature_name = doc.get("signature_name", "")
-            if not isinstance(signature_name, str):
-                raise invalid(f"JSON Value: {json_value_str(doc)} not formatted correctly. 'signature_name' key "
-                              "must be a string value.")
+            signature_name = _signature_name(doc)
             handle = self.core.manager.acquire(name, version, label)
             try:
                 served = handle.servable.version
@@ -174,10 +171,7 @@ class RestApp:
         started = time.perf_counter()
         try:
             doc = parse_json_body(body)
-            signature_name = doc.get("signature_name", "")
-            if not isinstance(signature_name, str):
-                raise invalid(f"JSON Value: {json_value_str(doc)} not formatted correctly. 'signature_name' key "
-                              "must be a string value.")
+            signature_name = _signature_name(doc)
             if "context" in doc and not isinstance(doc["context"], dict):
                 raise invalid(f"Example must be JSON object but got JSON {_json_type(doc['context'])}")
             examples = doc.get("examples")
@@ -245,3 +239,11 @@ async def _respond(send: Any, status: int, body: bytes, headers: list[tuple[byte
 
 
 __all__ = ["RestApp", "PREDICT_METHOD"]
+
+
+def _signature_name(doc: dict) -> str:
+    signature_name = doc.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise invalid(f"JSON Value: {json_value_str(doc)} not formatted correctly. 'signature_name' key "
+                      "must be a string value.")
+    return signature_name
