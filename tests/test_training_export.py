@@ -125,3 +125,72 @@ def test_next_version_and_warm_start(tmp_path, exported_model):
     want = served(images=tf.constant(pixels))["probabilities"].numpy()
     got = model.predict(pixels.astype("float32"), verbose=0)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def randomize_batch_norm(model, seed: int = 0) -> None:
+    """Non-trivial BN statistics, so a wrong fold shows in the predictions."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            weights = {"gamma": rng.uniform(0.5, 1.5, n), "beta": rng.normal(0, 0.3, n),
+                       "moving_mean": rng.normal(0, 0.3, n), "moving_variance": rng.uniform(0.5, 2.0, n)}
+            for variable in layer.weights:
+                variable.assign(weights[variable.name].astype("float32"))
+
+
+@pytest.mark.parametrize("arch", ["resnet_v1", "wbnrg"])
+def test_fold_batch_norm_keeps_predictions(arch):
+    import keras
+
+    from training.export import fold_batch_norm
+    from training.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(arch, depth=8)
+    randomize_batch_norm(model)
+    before = [w.copy() for w in model.get_weights()]
+    folded = fold_batch_norm(model)
+    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(folded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+    # Every BN of these builders follows a linear conv: none is left, and each of those convs gained a bias.
+    bns = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert all(folded.get_layer(name).weights == [] for name in bns)
+    # ... and each went into one conv's kernel.
+    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    rescaled = [name for name in convs if not np.array_equal(
+        folded.get_layer(name).kernel.numpy(), model.get_layer(name).kernel.numpy())]
+    assert len(rescaled) == len(bns)
+    # The original is untouched.
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_fold_batch_norm_leaves_unfoldable_batch_norms():
+    import keras
+    from keras import layers
+
+    from training.export import fold_batch_norm
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    conv = layers.Conv2D(3, 3, padding="same", name="shared_conv")(inputs)
+    x = layers.BatchNormalization(name="bn_after_shared_conv")(conv)
+    x = layers.Add(name="add")([x, conv])  # the conv's output also feeds the Add: not foldable
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="relu_conv")(x)
+    x = layers.BatchNormalization(name="bn_after_relu_conv")(x)  # not a linear conv
+    x = layers.Conv2D(4, 1, use_bias=False, name="plain_conv")(x)
+    x = layers.BatchNormalization(center=False, scale=False, name="bn_plain")(x)  # foldable, no beta/gamma
+    x = layers.Flatten()(x)
+    x = layers.Dense(5, name="dense")(x)
+    outputs = layers.BatchNormalization(name="bn_after_dense")(x)  # not after a conv
+    model = keras.Model(inputs, outputs)
+    randomize_batch_norm(model)
+    folded = fold_batch_norm(model)
+    kept = {layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert kept == {"bn_after_shared_conv", "bn_after_relu_conv", "bn_after_dense"}
+    assert folded.get_layer("plain_conv").use_bias and not model.get_layer("plain_conv").use_bias
+    images = np.random.default_rng(1).normal(0, 1, (4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(folded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)

@@ -79,11 +79,137 @@ def serving_functions(model: keras.Model) -> tuple[Callable, Callable]:
     return predict_pixels, predict_bytes
 
 
+def _tensor_refs(value: object) -> list[tuple[str, int, int]]:
+    """The (layer, node, tensor) of every Keras tensor in an inbound node's args/kwargs, however nested."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            name, node, index = value["config"]["keras_history"]
+            return [(name, int(node), int(index))]
+        return [ref for v in value.values() for ref in _tensor_refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [ref for v in value for ref in _tensor_refs(v)]
+    return []
+
+
+def _output_refs(value: object) -> list[tuple[str, int, int]]:
+    """The (layer, node, tensor) triples of a functional config's `output_layers`, however nested."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 3 and isinstance(value[0], str) and all(isinstance(v, int) for v in value[1:]):
+            return [(value[0], value[1], value[2])]
+        return [ref for v in value for ref in _output_refs(v)]
+    if isinstance(value, dict):
+        return [ref for v in value.values() for ref in _output_refs(v)]
+    return []
+
+
+def _foldable_pairs(model: keras.Model) -> dict[str, str]:
+    """BatchNormalization name -> name of the Conv2D it can be folded into (see `fold_batch_norm`)."""
+    import keras
+
+    config = model.get_config()
+    entries = {entry["name"]: entry for entry in config.get("layers", [])}
+    consumers: dict[tuple[str, int, int], int] = {}
+    for entry in entries.values():
+        for node in entry.get("inbound_nodes") or []:
+            for ref in _tensor_refs(node):
+                consumers[ref] = consumers.get(ref, 0) + 1
+    for ref in _output_refs(config.get("output_layers", [])):
+        consumers[ref] = consumers.get(ref, 0) + 1  # a model output is a consumer too
+
+    pairs = {}
+    for name, entry in entries.items():
+        nodes = entry.get("inbound_nodes") or []
+        if entry.get("class_name") != "BatchNormalization" or len(nodes) != 1:
+            continue
+        refs = _tensor_refs(nodes[0])
+        if len(refs) != 1 or nodes[0].get("kwargs", {}).get("training") is True:
+            continue
+        source = refs[0]
+        conv_entry = entries.get(source[0])
+        if conv_entry is None or conv_entry.get("class_name") != "Conv2D" or source[1:] != (0, 0):
+            continue
+        if len(conv_entry.get("inbound_nodes") or []) != 1 or consumers.get(source) != 1:
+            continue  # a shared conv, or its output also feeds another layer or the model's outputs
+        conv, bn = model.get_layer(source[0]), model.get_layer(name)
+        if type(conv) is not keras.layers.Conv2D or not isinstance(bn, keras.layers.BatchNormalization):
+            continue
+        if conv_entry["config"].get("activation") not in ("linear", None):
+            continue
+        channel_axis = 1 if conv.data_format == "channels_first" else 3
+        axis = bn.axis[0] if isinstance(bn.axis, (list, tuple)) and len(bn.axis) == 1 else bn.axis
+        if not isinstance(axis, int) or axis % 4 != channel_axis:
+            continue
+        pairs[name] = source[0]
+    return pairs
+
+
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """An inference copy of a functional `model` in which every BatchNormalization whose only input is a Conv2D
+    (that conv feeding nothing else, with linear activation) is folded into that conv's kernel and bias.
+
+    The folded BN becomes a pass-through layer of the same name; every other layer is a copy with the same
+    weights. Keras 3 runs BN at inference as separate element-wise ops, so TF's grappler cannot fuse
+    conv + bias + add + relu into one oneDNN kernel; after folding it can. Only for inference: the copy has
+    no BN statistics left to train. `model` itself is not changed.
+    """
+    import keras
+
+    pairs = _foldable_pairs(model)
+    folded_convs = {conv: bn for bn, conv in pairs.items()}
+
+    class FoldedBatchNormalization(keras.layers.Layer):
+        """Pass-through left where a BatchNormalization was folded into the preceding Conv2D."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True
+
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if layer.name in pairs:
+            return FoldedBatchNormalization(name=layer.name, dtype=layer.dtype_policy)
+        config = layer.get_config()
+        if layer.name in folded_convs:
+            config = {**config, "use_bias": True}
+        return layer.__class__.from_config(config)
+
+    def f64(variable: keras.Variable) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float64)
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    originals = {layer.name: layer for layer in model.layers}
+    for layer in folded.layers:
+        if layer.name in pairs or isinstance(layer, keras.layers.InputLayer):
+            continue  # clone_model names new inputs after their tensors; neither has weights
+        original = originals[layer.name]
+        if layer.name not in folded_convs:
+            layer.set_weights(original.get_weights())
+            continue
+        bn = originals[folded_convs[layer.name]]
+        kernel = f64(original.kernel)
+        bias = f64(original.bias) if original.use_bias else np.zeros(kernel.shape[-1])
+        mean, variance = f64(bn.moving_mean), f64(bn.moving_variance)
+        gamma = f64(bn.gamma) if bn.scale else np.ones_like(mean)
+        beta = f64(bn.beta) if bn.center else np.zeros_like(mean)
+        s = gamma / np.sqrt(variance + bn.epsilon)  # per output channel, the kernel's last axis
+        dtype = np.dtype(layer.kernel.dtype)
+        layer.set_weights([(kernel * s).astype(dtype), ((bias - mean) * s + beta).astype(dtype)])
+    return folded
+
+
 def write_saved_model(model: keras.Model, path: Path) -> None:
     import keras
     import tensorflow as tf
 
-    predict_pixels, predict_bytes = serving_functions(model)
+    # Serving runs the BN-folded copy (fused conv kernels, faster on CPU); the export is still verified against
+    # `model` itself. The archive saves the variables its endpoints use (the folded copy's) by itself; tracking
+    # the folded copy as well would store them twice. `model`'s own weights are kept for `train --warm-start`.
+    predict_pixels, predict_bytes = serving_functions(fold_batch_norm(model))
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
