@@ -1,17 +1,22 @@
-"""Gateway throughput and latency, side by side in one run (issue 4 item 6).
+"""Serving throughput and latency, every path side by side in one run (issue 4 item 6, issue 6 item 3).
 
-Services, each loaded by the same closed-loop clients (one keep-alive connection per client, each posting one
+Services, each loaded by N closed-loop clients (one keep-alive connection per client, each posting one
 32x32 CIFAR-10 PNG per request and waiting for the answer):
-  gateway             python -m serving.gateway -> the model server (gRPC, serving_default, server batching)
+  in-process          the SavedModel's serving_default called on a batch of N decoded images in a loop, in its own
+                      process: N clients batched perfectly with no transport, the ceiling of any server
+  grpc direct (pixels) the model server over gRPC with the decoded pixels (serving_default)
   grpc direct (png)   the model server over gRPC with the same PNG bytes (predict_images, decoded in-graph)
-  grpc direct (pixels) the model server over gRPC with the decoded pixels (serving_default): its ceiling
+  gateway             python -m serving.gateway -> the model server (gRPC, serving_default, server batching)
   naive               a FastAPI handler calling Keras model.predict per upload
   careful unbatched   the same handler calling a compiled tf.function per upload
-Reports images/s, p50 and p99 latency at each concurrency, and the ratios the issue asks for at 32 clients.
+Reports images/s, p50 and p99 latency at each concurrency, the ratios issue 4 asks for at 32 clients, the resident
+memory of each process, and the best images/s as a fraction of the machine's peak FLOP/s (bench_peak.py, measured
+at the start of the same run).
 
-    python bench/bench_gateway.py --model-base models/cifar10 [--clients 1 8 32 64] [--seconds 5] [--rounds 2]
+    python bench/bench_serving.py [--model-base models/cifar10] [--clients 1 8 32 64] [--seconds 5] [--rounds 2]
+                                  [--json out.json] [--plot docs/img/serving.png]
 
-The two baselines live in this file (`--serve naive|careful`): they are benchmark baselines, not product code.
+The baselines live in this file (`--serve naive|careful|inprocess`): benchmark baselines, not product code.
 """
 
 
@@ -32,7 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SERVICES = ("gateway", "grpc direct (png)", "grpc direct (pixels)", "naive", "careful unbatched")
+from bench_peak import forward_flop  # noqa: E402 - beside this file
+
+SERVICES = ("in-process", "grpc direct (pixels)", "grpc direct (png)", "gateway", "naive", "careful unbatched")
 
 
 def free_port() -> int:
@@ -57,16 +64,19 @@ def serve_baseline(kind: str, port: int, model_base: Path) -> None:
 
     version = max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     meta = json.loads((version / "metadata.json").read_text()) if (version / "metadata.json").exists() else {}
-    # Same architecture as the served version; weights do not change the cost of inference.
-    model = build_model(meta.get("architecture") or "resnet_v1", meta.get("depth") or 20)
     keras.mixed_precision.set_global_policy("float32")
+    if kind == "naive":
+        # Same architecture as the served version; weights do not change the cost of inference.
+        model = build_model(meta.get("architecture") or "resnet_v1", meta.get("depth") or 20)
+        model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0)
+    else:
+        # The served version's own compiled graph, so the careful service runs exactly what the servers run.
+        serving_default = tf.saved_model.load(str(version)).signatures["serving_default"]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
-    def infer(x):
-        return model(tf.cast(x, tf.float32), training=False)
+        def infer(x: np.ndarray) -> np.ndarray:
+            return serving_default(images=tf.constant(x))["probabilities"].numpy()
 
-    infer(np.zeros((1, 32, 32, 3), np.uint8))  # trace once at start-up
-    model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0)
+        infer(np.zeros((1, 32, 32, 3), np.uint8))  # traced and warm before the first request
     app = FastAPI()
 
     @app.post("/v1/classify")
@@ -77,12 +87,93 @@ def serve_baseline(kind: str, port: int, model_base: Path) -> None:
             if kind == "naive":
                 probs = model.predict(img[None].astype(np.float32), verbose=0)[0]
             else:
-                probs = infer(img[None]).numpy()[0]
+                probs = infer(img[None])[0]
             top = int(probs.argmax())
             out.append({"filename": f.filename, "top": [{"class": CLASS_NAMES[top], "probability": float(probs[top])}]})
         return {"predictions": out}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve_inprocess(model_base: Path) -> None:
+    """Answer "N SECONDS" lines on stdin with one JSON line: serving_default on a batch of N images in a loop."""
+    import tensorflow as tf
+
+    from training.data import load_cifar10
+
+    version = max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    infer = tf.saved_model.load(str(version)).signatures["serving_default"]
+    images = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test.images[:256]
+    images = np.concatenate([images, images])  # any window of up to 256 images
+    print("ready", flush=True)
+    for line in sys.stdin:
+        n, seconds = int(line.split()[0]), float(line.split()[1])
+        batches = [tf.constant(images[i:i + n]) for i in range(0, 256, 7)]
+        infer(images=batches[0])  # a new batch size may need a new kernel plan
+        record, i = [], 0
+        warm = time.perf_counter() + 1.0
+        while time.perf_counter() < warm:
+            infer(images=batches[i % len(batches)])["probabilities"].numpy()
+            i += 1
+        stop_at = time.perf_counter() + seconds
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            infer(images=batches[i % len(batches)])["probabilities"].numpy()
+            record.extend([(t0, time.perf_counter() - t0)] * n)  # every image of the batch waited this long
+            i += 1
+        print(json.dumps(summarise(record, [], seconds)), flush=True)
+
+
+class InProcess:
+    """The in-process service as a child process, so its memory and start-up are its own."""
+
+    def __init__(self, model_base: Path, log: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", "inprocess", "--model-base",
+                                      str(model_base)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(log, "ab"), text=True,  # noqa: SIM115
+                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the in-process service did not start; see {log}")
+
+    def run(self, n: int, seconds: float) -> dict:
+        self.proc.stdin.write(f"{n} {seconds}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+
+def measure_peak() -> float:
+    """GFLOP/s of an FP32 matmul on this machine (bench_peak.py), in a process of its own."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_peak.py"), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["gflops"])
+
+
+def plot(results: dict[str, dict[int, dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for service, levels in results.items():
+        clients = sorted(levels)
+        left.plot(clients, [levels[n]["images_per_s"] for n in clients], marker="o", label=service)
+        right.plot(clients, [levels[n]["p99_ms"] for n in clients], marker="o", label=service)
+    for ax, label in ((left, "images/s"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xticks(sorted({n for levels in results.values() for n in levels}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 # ---- processes ----------------------------------------------------------------------------------------------
@@ -224,10 +315,14 @@ def main() -> None:
     parser.add_argument("--services", nargs="+", default=list(SERVICES), choices=SERVICES)
     parser.add_argument("--batching", default=str(ROOT / "serving" / "config" / "batching.config"))
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--serve", choices=("naive", "careful"), help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, help="also draw images/s and p99 against clients into this PNG")
+    parser.add_argument("--serve", choices=("naive", "careful", "inprocess"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     base = args.model_base.resolve()
+    if args.serve == "inprocess":
+        serve_inprocess(base)
+        return
     if args.serve:
         serve_baseline(args.serve, args.port, base)
         return
@@ -243,9 +338,13 @@ def main() -> None:
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    logs = Path(os.environ.get("BENCH_LOGS", "/tmp")) / f"bench-gateway-{os.getpid()}"
+    logs = Path(os.environ.get("BENCH_LOGS", "/tmp")) / f"bench-serving-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {s: {} for s in args.services}
+    peak_gflops = measure_peak()  # before any service starts, so nothing else runs beside it
+    meta_path = max((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) / "metadata.json"
+    depth = (json.loads(meta_path.read_text()).get("depth") if meta_path.exists() else None) or 20
+    flop_per_image = forward_flop(depth)
     grpc_port, rest_port = free_port(), free_port()
     model_server = start([sys.executable, "-m", "serving.modelserver", f"--port={grpc_port}",
                           f"--rest_api_port={rest_port}", "--model_name=cifar10", f"--model_base_path={base}",
@@ -253,6 +352,7 @@ def main() -> None:
                          logs / "modelserver.log")
     procs = [model_server]
     named = {"model server": model_server}
+    inprocess: InProcess | None = None
     rss: dict[str, float] = {}
     try:
         wait_http(rest_port, model_server, "/v1/models/cifar10")
@@ -262,13 +362,19 @@ def main() -> None:
         # them: on a shared machine, load from elsewhere then hits all services alike.
         runners = {}
         for service in args.services:
+            if service == "in-process":
+                inprocess = InProcess(base, logs / "inprocess.log")
+                procs.append(inprocess.proc)
+                named[service] = inprocess.proc
+                runners[service] = lambda n, svc=inprocess: svc.run(n, args.seconds)
+                continue
             if service.startswith("grpc"):
                 if service.endswith("(png)"):
                     reqs = [tfserving.encoded_request("cifar10", [p]) for p in pngs]
                 else:
                     reqs = [tfserving.pixels_request("cifar10", img[None]) for img in images]
-                runners[service] = lambda n, reqs=reqs: grpc_clients(f"127.0.0.1:{grpc_port}", reqs, n,
-                                                                     args.seconds)
+                runners[service] = lambda n, reqs=reqs: summarise(
+                    *asyncio.run(grpc_clients(f"127.0.0.1:{grpc_port}", reqs, n, args.seconds)), args.seconds)
                 continue
             port = free_port()
             if service == "gateway":
@@ -286,15 +392,15 @@ def main() -> None:
                 named[service] = proc
                 wait_http(port, proc)
             reqs_http = [multipart(p, port) for p in pngs]
-            runners[service] = lambda n, port=port, reqs_http=reqs_http: http_load(port, reqs_http, n, args.seconds)
-        print(f"model {base} version {version}; {os.cpu_count()} CPUs; {args.rounds} rounds of {args.seconds:.0f} s "
-              f"per service and level, best round reported; logs {logs}")
+            runners[service] = lambda n, port=port, reqs_http=reqs_http: summarise(
+                *asyncio.run(http_load(port, reqs_http, n, args.seconds)), args.seconds)
+        print(f"model {base} version {version}; {os.cpu_count()} CPUs; peak {peak_gflops:.0f} GFLOP/s FP32; "
+              f"{args.rounds} rounds of {args.seconds:.0f} s per service and level, best round reported; logs {logs}")
         for n in args.clients:
             for r in range(args.rounds):
                 order = args.services[r % len(args.services):] + args.services[:r % len(args.services)]
                 for service in order:
-                    record, errors = asyncio.run(runners[service](n))
-                    got = summarise(record, errors, args.seconds)
+                    got = runners[service](n)
                     best = results[service].get(n)
                     if best is None or got["images_per_s"] > best["images_per_s"]:
                         results[service][n] = got
@@ -303,6 +409,8 @@ def main() -> None:
                           flush=True)
         rss = {name: resident_mb(proc.pid) for name, proc in named.items()}  # after the load: steady state
     finally:
+        if inprocess is not None:
+            inprocess.proc.stdin.close()
         for proc in procs:
             stop(proc)
 
@@ -318,9 +426,22 @@ def main() -> None:
             if other != "gateway" and 32 in results[other] and results[other][32]["images_per_s"]:
                 print(f"  {other:22s} {gw / results[other][32]['images_per_s']:.2f}x")
     print("\nresident memory after the load: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
+    best_service, best_n = max(((s, n) for s, levels in results.items() for n in levels),
+                               key=lambda sn: results[sn[0]][sn[1]]["images_per_s"])
+    best = results[best_service][best_n]["images_per_s"]
+    fraction = best * flop_per_image / (peak_gflops * 1e9)
+    print(f"best: {best_service} at {best_n} clients, {best:.0f} images/s x {flop_per_image / 1e6:.1f} MFLOP = "
+          f"{best * flop_per_image / 1e9:.0f} GFLOP/s = {100 * fraction:.0f} % of the measured peak "
+          f"({peak_gflops:.0f} GFLOP/s FP32 matmul)")
     if args.json:
         args.json.write_text(json.dumps({"model_base": str(base), "version": version, "results": results,
-                                         "resident_mb": rss}, indent=2))
+                                         "resident_mb": rss, "peak_gflops": peak_gflops,
+                                         "flop_per_image": flop_per_image, "best_fraction_of_peak": fraction},
+                                        indent=2))
+    if args.plot:
+        plot(results, args.plot, f"ResNet-{depth} v1 version {version}, {os.cpu_count()} CPUs, one 32x32 PNG "
+             f"per request; best round of {args.rounds}")
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import re
 import time
-import urllib.parse
 from importlib import resources
 from typing import Any
 
@@ -17,14 +13,12 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
-from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from client import contract
-from client.preprocessing import ImageError, preprocess
 from client.tfserving import ModelServerError
-from serving.gateway import metrics
-from serving.gateway.errors import ApiError, from_image_error, from_model_server
+from serving.gateway import metrics, uploads
+from serving.gateway.errors import ApiError, from_model_server
 from serving.gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -32,7 +26,6 @@ router = APIRouter()
 
 # Below this many bytes of images, decoding in the event loop is cheaper than a hop to a thread.
 INLINE_BYTES = 64 * 1024
-_RAW_TYPES = ("image/", "application/octet-stream")
 
 
 # ---- response models (documentation; the handlers build JSON directly, which is faster) --------------------
@@ -148,157 +141,11 @@ async def _read_body(request: Request, settings: Settings, deadline: float) -> b
     return b"".join(chunks)
 
 
-def _check_size(data: bytes, name: str, settings: Settings) -> None:
-    if len(data) > settings.max_file_bytes:
-        raise ApiError(413, "file_too_large",
-                       f"{name}: {len(data)} bytes, more than the limit of {settings.max_file_bytes} per image")
-
-
-def _too_many(n: int, settings: Settings) -> ApiError:
-    return ApiError(413, "too_many_files", f"{n} images in one request, more than the limit of {settings.max_files}")
-
-
-_FILENAME_STAR = re.compile(rb"filename\*\s*=\s*([\w!#$&+.^`|~-]+)'[\w-]*'([^;\s]+)", re.IGNORECASE)
-
-
-def _multipart(content_type: str, body: bytes, settings: Settings) -> list[tuple[str | None, bytes]]:
-    """multipart/form-data (RFC 7578) parsed from the buffered body: every part with a filename is an image.
-
-    A direct split of bytes already in memory: several times cheaper per request than a streaming parser that
-    spools each file to a temporary file, which matters for the many small uploads this service gets.
-    """
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary or len(boundary) > 200:
-        raise ApiError(400, "invalid_multipart", "the multipart Content-Type has no valid boundary")
-    dash = b"--" + boundary
-    pos = body.find(dash)
-    if pos < 0:
-        raise ApiError(400, "invalid_multipart", "the multipart body does not contain its boundary")
-    images: list[tuple[str | None, bytes]] = []
-    parts = 0
-    pos += len(dash)
-    while not body.startswith(b"--", pos):
-        eol = body.find(b"\r\n", pos)
-        if eol < 0:
-            raise ApiError(400, "invalid_multipart", "the multipart body ends before its closing boundary")
-        start = eol + 2
-        if body.startswith(b"\r\n", start):
-            header_block, content_start = b"", start + 2
-        else:
-            end = body.find(b"\r\n\r\n", start)
-            if end < 0:
-                raise ApiError(400, "invalid_multipart", "a multipart part has no end of headers")
-            header_block, content_start = body[start:end], end + 4
-        next_delimiter = body.find(b"\r\n" + dash, content_start)
-        if next_delimiter < 0:
-            raise ApiError(400, "invalid_multipart", "the multipart body ends before its closing boundary")
-        content = body[content_start:next_delimiter]
-        pos = next_delimiter + 2 + len(dash)
-        parts += 1
-        if parts > settings.max_files + 100:
-            raise ApiError(400, "invalid_multipart", "too many parts in the multipart body")
-        disposition = b""
-        for line in header_block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-disposition":
-                disposition = value.strip()
-        _, options = parse_options_header(disposition)
-        star = _FILENAME_STAR.search(disposition)
-        if star:
-            try:
-                filename: str | None = urllib.parse.unquote_to_bytes(star.group(2)).decode(star.group(1).decode())
-            except (LookupError, UnicodeDecodeError):
-                filename = None
-        elif b"filename" in options:
-            filename = options[b"filename"].decode("utf-8", "replace")
-        else:
-            continue  # a plain form field, not a file
-        if not filename and not content:
-            continue  # what a browser sends for an empty file input
-        if len(images) >= settings.max_files:
-            raise _too_many(len(images) + 1, settings)
-        _check_size(content, filename or f"file {len(images) + 1}", settings)
-        images.append((filename or None, content))
-    if not images:
-        raise ApiError(400, "no_images", "the multipart body has no file part (send images in the field 'files')")
-    return images
-
-
-def _b64(text: Any, index: int) -> bytes:
-    if not isinstance(text, str):
-        raise ApiError(400, "invalid_json", f"images[{index}] must be a base64 string or {{\"b64\": ...}}")
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    # Tolerate line breaks (MIME base64), missing padding and the URL-safe alphabet; refuse anything else.
-    cleaned = "".join(text.split()).replace("-", "+").replace("_", "/")
-    try:
-        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid_base64", f"images[{index}] is not valid base64") from None
-
-
-def _json_images(body: bytes, settings: Settings) -> list[tuple[str | None, bytes]]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(doc, dict) or "images" not in doc:
-        raise ApiError(400, "invalid_json", 'the JSON body must be an object {"images": ["<base64>", ...]}')
-    items = doc["images"]
-    if isinstance(items, (str, dict)):
-        items = [items]
-    if not isinstance(items, list):
-        raise ApiError(400, "invalid_json", '"images" must be a list of base64 strings')
-    if not items:
-        raise ApiError(400, "no_images", '"images" is empty')
-    if len(items) > settings.max_files:
-        raise _too_many(len(items), settings)
-    images = []
-    for i, item in enumerate(items):
-        name = None
-        if isinstance(item, dict):
-            name = item.get("filename") if isinstance(item.get("filename"), str) else None
-            item = item.get("b64", item.get("data"))
-        data = _b64(item, i)
-        _check_size(data, name or f"images[{i}]", settings)
-        images.append((name, data))
-    return images
-
-
-async def _images(request: Request, settings: Settings, deadline: float) -> list[tuple[str | None, bytes]]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not content_type:
-        raise ApiError(415, "unsupported_media_type", "a Content-Type is required: multipart/form-data, "
-                       "image/*, application/octet-stream or application/json")
-    if content_type != "multipart/form-data" and content_type != "application/json" \
-            and not content_type.startswith(_RAW_TYPES):
-        raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type} is not supported; use "
-                       "multipart/form-data, image/*, application/octet-stream or application/json")
+async def _images(request: Request, settings: Settings, deadline: float) -> list[uploads.Upload]:
+    content_type = request.headers.get("content-type", "")
+    uploads.check_content_type(content_type)  # before reading a body that could not be used
     body = await _read_body(request, settings, deadline)
-    if content_type == "multipart/form-data":
-        images = _multipart(request.headers["content-type"], body, settings)
-    elif content_type == "application/json":
-        images = _json_images(body, settings)
-    else:
-        name = request.headers.get("x-filename")
-        _check_size(body, name or "the body", settings)
-        images = [(name, body)]
-    if len(images) > settings.max_files:
-        raise _too_many(len(images), settings)
-    return images
-
-
-def _decode_all(images: list[tuple[str | None, bytes]], max_pixels: int) -> np.ndarray:
-    out = np.empty((len(images), contract.IMAGE_SIZE, contract.IMAGE_SIZE, 3), dtype=np.uint8)
-    for i, (name, data) in enumerate(images):
-        try:
-            out[i] = preprocess(data, max_pixels=max_pixels)
-        except ImageError as exc:
-            metrics.IMAGE_ERRORS.labels(exc.code).inc()
-            label = name or (f"image {i + 1}" if len(images) > 1 else None)
-            raise from_image_error(exc, label) from None
-    return out
+    return uploads.parse_body(content_type, body, request.headers.get("x-filename"), settings)
 
 
 # ---- endpoints --------------------------------------------------------------------------------------------
@@ -382,13 +229,13 @@ async def _classify(request: Request, settings: Settings, top_k: int, version: i
     request.scope["state"]["images"] = len(images)
     started = time.perf_counter()
     if sum(len(d) for _, d in images) <= INLINE_BYTES:
-        batch = _decode_all(images, settings.max_pixels)
+        batch = uploads.decode_images(images, settings.max_pixels)
     else:
         # Pillow releases the GIL while decoding and resizing: big images run in parallel threads.
         loop = asyncio.get_running_loop()
         try:
             batch = await asyncio.wait_for(
-                loop.run_in_executor(request.app.state.executor, _decode_all, images, settings.max_pixels),
+                loop.run_in_executor(request.app.state.executor, uploads.decode_images, images, settings.max_pixels),
                 max(deadline - time.monotonic(), 0.001))
         except TimeoutError:
             raise ApiError(504, "request_timeout", "decoding the images took too long",
@@ -413,7 +260,7 @@ async def _classify(request: Request, settings: Settings, top_k: int, version: i
                                 settings.model_name, request.scope["state"]["request_id"]))
 
 
-def _answer(images: list[tuple[str | None, bytes]], version: int, probabilities: np.ndarray, top_k: int,
+def _answer(images: list[uploads.Upload], version: int, probabilities: np.ndarray, top_k: int,
             all_probabilities: bool, model: str, request_id: str) -> dict:
     names = contract.CLASS_NAMES
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
