@@ -48,6 +48,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def latest_version(model_base: Path) -> Path:
+    return max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_images(n: int = 256) -> tuple:
+    """The first `n` CIFAR-10 test images (uint8 [n, 32, 32, 3]) and labels, from ../shared/data."""
+    from training.data import load_cifar10
+
+    test = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test
+    return test.images[:n], test.labels[:n]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
 # ---- baselines ----------------------------------------------------------------------------------------------
 
 
@@ -62,7 +82,7 @@ def serve_baseline(kind: str, port: int, model_base: Path) -> None:
     from client.contract import CLASS_NAMES
     from training.model import build_model
 
-    version = max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    version = latest_version(model_base)
     meta = json.loads((version / "metadata.json").read_text()) if (version / "metadata.json").exists() else {}
     keras.mixed_precision.set_global_policy("float32")
     if kind == "naive":
@@ -99,11 +119,9 @@ def serve_inprocess(model_base: Path) -> None:
     """Answer "N SECONDS" lines on stdin with one JSON line: serving_default on a batch of N images in a loop."""
     import tensorflow as tf
 
-    from training.data import load_cifar10
-
-    version = max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    version = latest_version(model_base)
     infer = tf.saved_model.load(str(version)).signatures["serving_default"]
-    images = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test.images[:256]
+    images, _ = test_images(256)
     images = np.concatenate([images, images])  # any window of up to 256 images
     print("ready", flush=True)
     for line in sys.stdin:
@@ -327,22 +345,15 @@ def main() -> None:
         serve_baseline(args.serve, args.port, base)
         return
 
-    from PIL import Image
-
     from client import tfserving
-    from training.data import load_cifar10
 
-    images = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test.images[:256]
-    pngs = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "PNG")
-        pngs.append(buf.getvalue())
+    images, _ = test_images(256)
+    pngs = [png_bytes(img) for img in images]
     logs = Path(os.environ.get("BENCH_LOGS", "/tmp")) / f"bench-serving-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {s: {} for s in args.services}
     peak_gflops = measure_peak()  # before any service starts, so nothing else runs beside it
-    meta_path = max((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) / "metadata.json"
+    meta_path = latest_version(base) / "metadata.json"
     depth = (json.loads(meta_path.read_text()).get("depth") if meta_path.exists() else None) or 20
     flop_per_image = forward_flop(depth)
     grpc_port, rest_port = free_port(), free_port()

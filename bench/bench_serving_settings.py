@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import sys
 from pathlib import Path
 
-from bench_serving import ROOT, free_port, http_load, multipart, start, stop, summarise, wait_http
+from bench_serving import (
+    ROOT,
+    free_port,
+    http_load,
+    multipart,
+    png_bytes,
+    start,
+    stop,
+    summarise,
+    test_images,
+    wait_http,
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -33,16 +43,7 @@ def main() -> None:
     parser.add_argument("--model-base", type=Path, default=ROOT / "models" / "cifar10")
     args = parser.parse_args()
 
-    from PIL import Image
-
-    from training.data import load_cifar10
-
-    images = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test.images[:256]
-    pngs = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "PNG")
-        pngs.append(buf.getvalue())
+    pngs = [png_bytes(img) for img in test_images(256)[0]]
     logs = Path(os.environ.get("BENCH_LOGS", "/tmp")) / f"bench-serving-settings-{os.getpid()}"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"{args.clients} clients, {args.seconds:.0f} s each; logs {logs}")

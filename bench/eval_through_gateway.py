@@ -10,14 +10,13 @@ is the version's metadata.json (training/evaluate.py on the Keras model).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_serving import ROOT, free_port, start, stop, wait_http
+from bench_serving import ROOT, free_port, png_bytes, start, stop, test_images, wait_http
 
 
 def main() -> None:
@@ -27,13 +26,9 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=64)
     args = parser.parse_args()
 
-    from PIL import Image
-
     from client.contract import CLASS_NAMES
-    from training.data import load_cifar10
 
-    test = load_cifar10(str(ROOT.parent / "shared" / "data" / "cifar-10-python.tar.gz")).test
-    images, labels = test.images[:args.images], test.labels[:args.images]
+    images, labels = test_images(args.images)
     base = args.model_base.resolve()
     logs = Path("/tmp") / "eval-through-gateway"
     logs.mkdir(exist_ok=True)
@@ -50,9 +45,7 @@ def main() -> None:
             for start_at in range(0, len(images), args.per_request):
                 files = []
                 for i, img in enumerate(images[start_at:start_at + args.per_request]):
-                    buf = io.BytesIO()
-                    Image.fromarray(img).save(buf, "PNG")
-                    files.append(("files", (f"{start_at + i}.png", buf.getvalue(), "image/png")))
+                    files.append(("files", (f"{start_at + i}.png", png_bytes(img), "image/png")))
                 answer = http.post("/v1/classify", files=files, params={"top_k": 1})
                 answer.raise_for_status()
                 body = answer.json()
