@@ -90,6 +90,21 @@ def test_mirrored_strategy_over_logical_cpus(tmp_path, cifar_archive):
     assert "distribution mirrored over 2 replica(s)" in out
 
 
+def test_final_fit_without_validation_keeps_the_last_epoch(tmp_path, cifar_archive):
+    # --val-size 0: the recipe was chosen on the validation split; the final fit uses every training image.
+    out = tmp_path / "r"
+    log = run_training("train", "--recipe", "fast", "--depth", "8", "--val-size", "0", "--epochs", "2",
+                       "--train-subset", "512", "--data", str(cifar_archive), "--out", str(out)).stdout
+    assert "validating on 0" in log
+    state = json.loads((out / "state.json").read_text())
+    assert state["best_val_accuracy"] is None and state["best_epoch"] == 2
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "val_accuracy" not in rows[0]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["best_val_accuracy"] is None and result["best_epoch"] == 2 and result["test_images"] == 10_000
+    assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_multiworker_strategy_from_tf_config(tmp_path, cifar_archive):
     from tests.conftest import free_port
 

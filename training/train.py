@@ -146,9 +146,11 @@ class EpochCheckpoint:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        val_acc = logs.get("val_accuracy", logs.get("accuracy", 0.0))
-        if val_acc > self.state["best_val_accuracy"]:
-            self.state.update(best_val_accuracy=float(val_acc), best_epoch=epoch + 1)
+        val_acc = logs.get("val_accuracy")
+        if val_acc is None or val_acc > self.state["best_val_accuracy"]:
+            # Without a validation split (--val-size 0: a final fit on all 50,000 training images) there is
+            # nothing to select on, and the model kept is the last epoch's.
+            self.state.update(best_val_accuracy=None if val_acc is None else float(val_acc), best_epoch=epoch + 1)
             tmp = self.run_dir / ".best.tmp.keras"  # model.save wants the suffix
             model.save(tmp)
             os.replace(tmp, self.run_dir / BEST_MODEL)
@@ -159,11 +161,12 @@ class EpochCheckpoint:
         _write_atomic(self.run_dir / STATE_FILE, lambda p: p.write_text(json.dumps(self.state, indent=2)))
         if previous and previous != last.name:
             (self.run_dir / previous).unlink(missing_ok=True)
+        best = self.state["best_val_accuracy"]
         log.info(
             "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.0fs  (best val_acc %.4f @ %d)",
             epoch + 1, self.total, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
             logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan), logs["lr"], logs["seconds"],
-            self.state["best_val_accuracy"], self.state["best_epoch"],
+            math.nan if best is None else best, self.state["best_epoch"],
         )
 
 
