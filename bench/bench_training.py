@@ -1,6 +1,6 @@
 """Training throughput, side by side in one run: our tf.data pipeline against the course's Keras 2 pipeline.
 
-    python bench/bench_training.py [--steps 60] [--batch-size 128] [--data PATH] [--run runs/fast-r20]
+    python bench/bench_training.py [--steps 60] [--batch-size 128] [--data PATH] [--run runs/fast-r20-b64]
 
 Each configuration trains ResNet-20 v1 (the same builder, training/model.py) on real CIFAR-10 in its own
 process, one after another, and reports images/s over `--steps` steps after a warm-up:
@@ -95,6 +95,8 @@ def time_to_accuracy(log_csv: Path, target: float = 0.91) -> dict | None:
     if not log_csv.exists():
         return None
     rows = list(csv.DictReader(log_csv.open()))
+    if not rows or "val_accuracy" not in rows[0]:
+        return None  # a fit without a validation split (--val-size 0) has no accuracy to time
     elapsed = 0.0
     for row in rows:
         elapsed += float(row["seconds"])
@@ -109,7 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--run", default=str(ROOT / "runs" / "fast-r20"), help="a finished `fast` run folder")
+    parser.add_argument("--run", default=str(ROOT / "runs" / "fast-r20-b64"),
+                        help="a finished `fast` run folder trained with a validation split")
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
