@@ -161,13 +161,13 @@ class EpochCheckpoint:
         _write_atomic(self.run_dir / STATE_FILE, lambda p: p.write_text(json.dumps(self.state, indent=2)))
         if previous and previous != last.name:
             (self.run_dir / previous).unlink(missing_ok=True)
-        best = self.state["best_val_accuracy"]
-        log.info(
-            "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.0fs  (best val_acc %.4f @ %d)",
-            epoch + 1, self.total, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
-            logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan), logs["lr"], logs["seconds"],
-            math.nan if best is None else best, self.state["best_epoch"],
-        )
+        validation = "" if val_acc is None else (
+            f"  val_loss {logs.get('val_loss', math.nan):.4f}  val_acc {val_acc:.4f}")
+        best = "" if val_acc is None else (
+            f"  (best val_acc {self.state['best_val_accuracy']:.4f} @ {self.state['best_epoch']})")
+        log.info("epoch %d/%d  loss %.4f  acc %.4f%s  lr %.2e  %.0fs%s", epoch + 1, self.total,
+                 logs.get("loss", math.nan), logs.get("accuracy", math.nan), validation, logs["lr"], logs["seconds"],
+                 best)
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:
