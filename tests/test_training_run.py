@@ -134,3 +134,22 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
                            "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_runs_table_and_plot(tmp_path):
+    # Two finished runs as `train` leaves them: compare shows what differs and what they were chosen by.
+    for name, batch, vals, test in (("a", 128, [0.5, 0.81], 0.8), ("b", 64, [0.6, 0.84], None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"lr": 0.1, "batch_size": batch, "out": str(run)}))
+        rows = [{"epoch": i + 1, "accuracy": v, "val_accuracy": v} for i, v in enumerate(vals)]
+        with (run / "log.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        if test is not None:
+            (run / "evaluation.json").write_text(json.dumps({"test_accuracy": test}))
+    out = run_training("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "v.png")).stdout
+    assert "| run | batch_size | epochs | best validation | test |" in out
+    assert "| a | 128 | 2 | 81.00% | 80.00% |" in out and "| b | 64 | 2 | 84.00% | - |" in out
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"

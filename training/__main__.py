@@ -1,4 +1,4 @@
-"""Command line: `python -m training {train,evaluate,export} ...`; `--help` on each explains every option."""
+"""Command line: `python -m training {train,evaluate,export,compare} ...`; `--help` on each explains every option."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ HELP = {
     "batch_size": "global batch size",
     "augment": "augmentation: course (shift 0.1, rotate 20 deg, flip), paper (pad 4, crop, flip) or none",
     "data": "cifar-10-python.tar.gz or its extracted folder (default: Keras downloader, needs internet)",
-    "val_size": "training images held out for validation and checkpoint selection",
+    "val_size": "training images held out for validation and checkpoint selection (0: a final fit on all "
+    "training images, keeping the last epoch)",
     "train_subset": "train on the first N images of the training split only (quick runs)",
     "seed": "random seed (split, initialisation, shuffling, augmentation)",
     "out": "run folder: config, CSV log, TensorBoard logs, checkpoints; rerun to resume",
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--base-path", default="models/cifar10", help="model base path (default models/cifar10)")
     p_export.add_argument("--data", help="cifar-10-python.tar.gz or its folder (default: the run's)")
 
+    p_compare = sub.add_parser("compare", help="runs side by side: validation accuracy per epoch, table and plot",
+                               description="Compare runs on what they were chosen by: best validation accuracy "
+                               "(test accuracy is shown where the run was evaluated, never used to choose).")
+    p_compare.add_argument("runs", nargs="+", help="run folders")
+    p_compare.add_argument("--plot", metavar="PNG", help="write validation accuracy against epoch to this PNG")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -130,6 +137,10 @@ def run_command(args: argparse.Namespace) -> None:
         from training.export import export_run
 
         export_run(args.run, args.base_path, data=args.data)
+    elif args.command == "compare":
+        from training.evaluate import compare_runs
+
+        print(compare_runs(args.runs, args.plot))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,45 @@ def plot_curves(log_csv: Path, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> str:
+    """A Markdown table of runs (settings that differ, best validation, test where evaluated) and, optionally,
+    their validation accuracy against epoch as a PNG."""
+    runs = [Path(r) for r in run_dirs]
+    configs = [json.loads((r / "config.json").read_text()) for r in runs]
+    ignored = {"out", "notes"}
+    differing = [k for k in configs[0] if k not in ignored and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    logs = []
+    for r in runs:
+        with (r / "log.csv").open(newline="") as f:
+            logs.append(list(csv.DictReader(f)))
+    lines = ["| run | " + " | ".join(differing) + " | epochs | best validation | test |",
+             "|---|" + "---:|" * (len(differing) + 3)]
+    for r, cfg, rows in zip(runs, configs, logs, strict=True):
+        val = [float(x["val_accuracy"]) for x in rows if x.get("val_accuracy")]
+        evaluation = r / EVALUATION_FILE
+        test = json.loads(evaluation.read_text())["test_accuracy"] if evaluation.exists() else None
+        lines.append(f"| {r.name} | " + " | ".join(str(cfg.get(k)) for k in differing)
+                     + f" | {len(rows)} | {f'{max(val):.2%}' if val else '-'} | {f'{test:.2%}' if test else '-'} |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r, rows in zip(runs, logs, strict=True):
+            points = [(int(x["epoch"]), float(x["val_accuracy"])) for x in rows if x.get("val_accuracy")]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=r.name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(0.5, 0.95)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("Validation accuracy of the runs the recipe was chosen among")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+    return "\n".join(lines)
