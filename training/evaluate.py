@@ -152,8 +152,10 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         val = [float(x["val_accuracy"]) for x in rows if x.get("val_accuracy")]
         evaluation = r / EVALUATION_FILE
         test = json.loads(evaluation.read_text())["test_accuracy"] if evaluation.exists() else None
+        best_val = f"{max(val):.2%}" if val else "-"
+        test_text = f"{test:.2%}" if test is not None else "-"
         lines.append(f"| {r.name} | " + " | ".join(str(cfg.get(k)) for k in differing)
-                     + f" | {len(rows)} | {f'{max(val):.2%}' if val else '-'} | {f'{test:.2%}' if test else '-'} |")
+                     + f" | {len(rows)} | {best_val} | {test_text} |")
     if plot:
         import matplotlib
 
