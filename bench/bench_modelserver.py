@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_serving import latest_version  # noqa: E402 - beside this file
+
 from tests.modelserver_helpers import predict_request, start_server  # noqa: E402
 
 DOC = ROOT / "docs" / "modelserver.md"
@@ -35,13 +37,6 @@ DOC = ROOT / "docs" / "modelserver.md"
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
-
-
-def latest_version(base: Path) -> Path:
-    versions = sorted((int(p.name), p) for p in base.iterdir() if p.name.isdigit())
-    if not versions:
-        raise SystemExit(f"no version folders under {base}")
-    return versions[-1][1]
 
 
 class InProcess:

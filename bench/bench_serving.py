@@ -49,7 +49,12 @@ def free_port() -> int:
 
 
 def latest_version(model_base: Path) -> Path:
-    return max((p for p in model_base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    from serving.deploy.config import versions_on_disk
+
+    versions = versions_on_disk(model_base)
+    if not versions:
+        raise SystemExit(f"no version folders under {model_base}")
+    return model_base / str(versions[-1])
 
 
 def test_images(n: int = 256) -> tuple:

@@ -15,7 +15,6 @@ validation accuracy. Prints a table and writes bench/results/training.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -94,7 +93,9 @@ def worker(name: str, steps: int, batch: int, data: str) -> dict:
 def time_to_accuracy(log_csv: Path, target: float = 0.91) -> dict | None:
     if not log_csv.exists():
         return None
-    rows = list(csv.DictReader(log_csv.open()))
+    from training.evaluate import read_log
+
+    rows = read_log(log_csv)
     if not rows or "val_accuracy" not in rows[0]:
         return None  # a fit without a validation split (--val-size 0) has no accuracy to time
     elapsed = 0.0

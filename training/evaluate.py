@@ -42,6 +42,21 @@ def load_float32_model(run_dir: str | Path) -> keras.Model:
     return model
 
 
+def read_log(log_csv: Path) -> list[dict[str, str]]:
+    """The rows of a run's log.csv (one per epoch)."""
+    with log_csv.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n: int = len(CLASS_NAMES)) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
     return np.bincount(labels.astype(np.int64) * n + predicted, minlength=n * n).reshape(n, n)
@@ -78,11 +93,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
 
 
 def plot_confusion(cm: np.ndarray, path: Path, accuracy: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     im = ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
@@ -102,13 +113,8 @@ def plot_confusion(cm: np.ndarray, path: Path, accuracy: float) -> None:
 
 
 def plot_curves(log_csv: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with log_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    plt = _pyplot()
+    rows = read_log(log_csv)
     if not rows:
         return
     epoch = [int(r["epoch"]) for r in rows]
@@ -142,10 +148,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
     configs = [json.loads((r / "config.json").read_text()) for r in runs]
     ignored = {"out", "notes"}
     differing = [k for k in configs[0] if k not in ignored and len({json.dumps(c.get(k)) for c in configs}) > 1]
-    logs = []
-    for r in runs:
-        with (r / "log.csv").open(newline="") as f:
-            logs.append(list(csv.DictReader(f)))
+    logs = [read_log(r / "log.csv") for r in runs]
     lines = ["| run | " + " | ".join(differing) + " | epochs | best validation | test |",
              "|---|" + "---:|" * (len(differing) + 3)]
     for r, cfg, rows in zip(runs, configs, logs, strict=True):
@@ -157,11 +160,7 @@ def compare_runs(run_dirs: list[str | Path], plot: str | Path | None = None) -> 
         lines.append(f"| {r.name} | " + " | ".join(str(cfg.get(k)) for k in differing)
                      + f" | {len(rows)} | {best_val} | {test_text} |")
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for r, rows in zip(runs, logs, strict=True):
             points = [(int(x["epoch"]), float(x["val_accuracy"])) for x in rows if x.get("val_accuracy")]
